@@ -1,0 +1,1 @@
+"""Video probing and frame sampling through ffmpeg."""

@@ -1,0 +1,1 @@
+"""Thin typer commands, one per DVC stage: parse -> call pipeline -> write."""

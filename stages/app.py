@@ -1,0 +1,19 @@
+"""The `dret` command line: one typer app, one command per pipeline stage."""
+from __future__ import annotations
+
+import typer
+
+from stages import prepare
+
+app = typer.Typer(
+    name="dret",
+    help=(
+        "DiffusionRet text-video retrieval pipeline. Each command is one DVC stage "
+        "(see dvc.yaml) and reads its settings from params.yaml (--params to use another file)."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+app.command("prepare")(prepare.main)
