@@ -1,0 +1,1 @@
+"""Dataset adapters, the synthetic benchmark, and the prepared Parquet tables."""

@@ -1,0 +1,1 @@
+"""Retrieval and out-of-distribution metrics."""
