@@ -16,4 +16,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+
+@app.callback()
+def _root() -> None:
+    """DiffusionRet text-video retrieval pipeline (run `dret COMMAND --help` for a stage's help)."""
+
+
 app.command("prepare")(prepare.main)
