@@ -23,8 +23,8 @@ import pandas as pd
 log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = frozenset(
-    ".mp4 .avi .mkv .webm .mov .m4v .mpg .mpeg .wmv .flv .3gp .3g2 .3gpp .mts .m2ts .ts .qt .asf "
-    ".divx .ogv .vob".split()
+    {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp",
+     ".3g2", ".3gpp", ".mts", ".m2ts", ".ts", ".qt", ".asf", ".divx", ".ogv", ".vob"}
 )
 _ABSOLUTE = r"^(?:/|[A-Za-z]:/)"
 _EXTENSION = r"\.[^./]*$"
