@@ -1,0 +1,1 @@
+"""Neural network modules (no training, tracking or I/O code)."""
