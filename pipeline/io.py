@@ -25,6 +25,8 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     try:
         yield tmp_path
         _fsync(tmp_path)
+        if tmp_path.is_file():
+            os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; use the usual mode
         os.replace(tmp_path, dest)
     finally:
         if tmp_path.exists():
@@ -85,6 +87,12 @@ def remove_stale_temps(folder: str | Path) -> int:
             p.unlink(missing_ok=True)
         n += 1
     return n
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync(path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Probe a video's duration, frame rate and size with the ffmpeg binary alone (no ffprobe needed)."""
+"""Probe a video's duration, fps and size with the ffmpeg binary alone (no ffprobe)."""
 from __future__ import annotations
 
 import os
