@@ -74,15 +74,17 @@ class PrepareConfig:
 
 @dataclass(frozen=True)
 class FramesConfig:
-    fps: float = 1.0
-    max_frames: int = 12
-    size: int = 224
-    format: Literal["jpeg", "raw"] = "jpeg"
+    """Frame sampling (pipeline/frames.py): uniform in time, short side resize + centre crop."""
+
+    fps: float = 1.0  # sampling rate (exact, never truncated); DiffusionRet: 1
+    max_frames: int = 12  # at most this many, spread uniformly; shorter videos keep fewer
+    size: int = 224  # output frames are size x size
+    format: Literal["jpeg", "raw"] = "jpeg"  # raw uint8: 3-7x cheaper end to end, 6-11x larger
     jpeg_quality: int = 90
-    shard_size: int = 256
-    workers: int = 2
-    threads: int = 1  # ffmpeg decode threads per worker
-    max_failure_rate: float = 0.05
+    shard_size: int = 256  # videos per shard (sorted by id); fixes the shard contents
+    workers: int = 2  # decode processes per rank
+    threads: int = 1  # ffmpeg decode threads per worker (0 = ffmpeg's choice)
+    max_failure_rate: float = 0.05  # exit 1 when a larger share of the videos gave no frame
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,9 @@ class FeaturesConfig:
     batch_size: int = 64
     dtype: Literal["float16", "float32"] = "float16"
     compression: Literal["none", "lzf", "gzip"] = "none"
-    workers: int = 1
+    workers: int = 1  # 0: decode frames inline; >= 1: a background reader thread decodes ahead
+    threads: int = 0  # torch intra-op threads (fixed -> bitwise reproducible shards); 0 = as is
+    amp: bool = True  # bf16 autocast on CUDA (CPU always runs fp32)
 
 
 @dataclass(frozen=True)
@@ -177,7 +181,10 @@ class EvaluateConfig:
     bootstrap: int = 1000
     recall_ks: tuple[int, ...] = (1, 5, 10, 50)
     rerank: bool = True
-    other_dataset: str = ""  # a prepared+features dir of another dataset for cross-dataset eval
+    other_dataset: str = ""  # folder with prepared/ + features/ of another dataset
+    ood: bool = True  # OOD detection on prepared/ood_captions.parquet when it exists
+    index_splits: tuple[str, ...] = ("train", "val", "test")  # what `dret search` can retrieve
+    index_dtype: Literal["float16", "float32"] = "float16"  # evaluation scores these tensors too
 
 
 @dataclass(frozen=True)

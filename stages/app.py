@@ -3,7 +3,17 @@ from __future__ import annotations
 
 import typer
 
-from stages import prepare
+from stages import (
+    backbone,
+    evaluate,
+    features,
+    frames,
+    ood,
+    prepare,
+    search,
+    train_contrastive,
+    train_diffusion,
+)
 
 app = typer.Typer(
     name="dret",
@@ -24,3 +34,11 @@ def _root() -> None:
 
 
 app.command("prepare")(prepare.main)
+app.command("frames")(frames.main)
+app.command("backbone")(backbone.main)
+app.command("features")(features.main)
+app.command("evaluate")(evaluate.main)
+app.command("search")(search.main)
+app.command("ood")(ood.main)
+app.command("train-diffusion")(train_diffusion.main)
+app.command("train-contrastive")(train_contrastive.main)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 from collections.abc import Iterator
@@ -22,19 +23,33 @@ ParamsOption = Annotated[
 def fail(message: str, code: int = 1) -> None:
     """Print `error: <one line>` to stderr and exit non-zero."""
     line = " ".join(str(message).split())
+    _close_progress_bars()
     typer.echo(f"error: {line}", err=True)
     raise typer.Exit(code)
 
 
+def _close_progress_bars() -> None:
+    """Close open tqdm bars so the error starts on its own line."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 @contextlib.contextmanager
 def guard() -> Iterator[None]:
-    """Turn expected failures into a one-line reason and exit code 1 (tracebacks with DRET_DEBUG=1)."""
+    """Expected failures -> one-line reason, exit code 1 (tracebacks with DRET_DEBUG=1)."""
     try:
         yield
     except (ConfigError, PipelineError, FileNotFoundError) as exc:
         if os.environ.get("DRET_DEBUG"):
             raise
         fail(str(exc))
+    except OSError as exc:  # a full disk or quota: one line, outputs were written atomically
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or os.environ.get("DRET_DEBUG"):
+            raise
+        fail(f"no space left on device ({exc}); completed outputs were kept, free space and "
+             "rerun")
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None

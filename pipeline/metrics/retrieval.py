@@ -33,7 +33,7 @@ def ranks(sim: torch.Tensor | np.ndarray, gt: torch.Tensor | np.ndarray) -> np.n
 def group_max(
     sim: torch.Tensor | np.ndarray, group: torch.Tensor | np.ndarray, n_groups: int
 ) -> torch.Tensor:
-    """Best score per group. sim [Q, C], group [C] in [0, n_groups) -> [Q, n_groups] (-inf if empty)."""
+    """Best score per group. sim [Q, C], group [C] in [0, G) -> [Q, G] (-inf for an empty group)."""
     s = torch.as_tensor(sim)
     g = torch.as_tensor(group, dtype=torch.long, device=s.device)
     out = torch.full((s.shape[0], n_groups), float("-inf"), dtype=s.dtype, device=s.device)

@@ -13,6 +13,7 @@ the two renames of `atomic_dir`, under `.<name>.old`, which `find_resume_dir` al
 """
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,12 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> Checkpoin
 def load_weights(directory: str | Path, model: nn.Module) -> dict[str, Any]:
     """Load `model.safetensors` into `model` strictly (missing or extra keys fail); return state."""
     ckpt = load(directory)
+    _check_config(directory, model, ckpt.state.get("config"))
+    own = model.state_dict()
+    shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in ckpt.model.items()
+              if k in own and v.shape != own[k].shape]
+    if shapes:  # load_state_dict would raise a bare RuntimeError
+        raise PipelineError(f"{directory}: weights do not match the model (shape of {shapes[:3]})")
     result = model.load_state_dict(ckpt.model, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise PipelineError(
@@ -94,6 +101,27 @@ def load_weights(directory: str | Path, model: nn.Module) -> dict[str, Any]:
             f"unexpected {result.unexpected_keys[:5]})"
         )
     return ckpt.state
+
+
+def _check_config(directory: str | Path, model: nn.Module, saved: Any) -> None:
+    """Refuse a checkpoint whose saved config differs from the model's on a shared key (same
+    shapes can still mean another model, e.g. another number of attention heads)."""
+    if hasattr(model, "config_dict"):
+        mine = model.config_dict()
+    elif hasattr(getattr(model, "cfg", None), "to_dict"):
+        mine = model.cfg.to_dict()
+    else:
+        return
+    if not isinstance(saved, dict):
+        return
+    from pipeline.config import flatten
+
+    old, new = flatten(saved), flatten(json.loads(json.dumps(mine, default=list)))
+    diff = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(set(old) & set(new))
+            if old[k] != new[k]]
+    if diff:
+        raise PipelineError(f"{directory}: checkpoint was saved with another model config "
+                            f"({'; '.join(diff[:5])})")
 
 
 def find_resume_dir(out_dir: str | Path, name: str = "last") -> Path | None:

@@ -7,6 +7,7 @@ timestamps in metadata, written to a temp name and renamed (pipeline/io.py).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -139,8 +140,13 @@ class ShardWriter:
 
     def close(self) -> None:
         """Write the last row group and rename the temp file onto the shard name."""
-        self._flush()
-        self._writer.close()
+        try:
+            self._flush()
+            self._writer.close()
+        except BaseException:  # e.g. a full disk: drop the temp file, keep the first error
+            with contextlib.suppress(Exception):
+                self.abort()
+            raise
         self._ctx.__exit__(None, None, None)
 
     def abort(self) -> None:

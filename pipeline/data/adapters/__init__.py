@@ -88,7 +88,15 @@ def read_id_list(path: Path, column: str | None = None) -> pd.Index:
 
 def read_csv(path: Path, columns: list[str], **kwargs: Any) -> pd.DataFrame:
     """A CSV read as strings (empty cells stay ""); PipelineError if `columns` are missing."""
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False, **kwargs)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, **kwargs)
+    except UnicodeDecodeError as exc:
+        bad = exc.object[exc.start:exc.start + 1]
+        raise PipelineError(f"{path}: not UTF-8 text ({exc.reason}, byte {bad!r}); convert it, "
+                            "e.g. `iconv -f latin1 -t utf-8`") from None
+    except pd.errors.EmptyDataError:
+        raise PipelineError(f"{path}: empty file (needs a header row with column(s) "
+                            f"{', '.join(columns)})") from None
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise PipelineError(
