@@ -9,13 +9,14 @@ _CONFIGURED = False
 
 
 def setup_logging(level: str | int | None = None) -> None:
-    """Configure the root logger once: `LEVEL name: message` on stderr (rank-prefixed under torchrun)."""
+    """Configure the root logger once: `LEVEL name: message` on stderr (rank prefix if >1)."""
     global _CONFIGURED
     if _CONFIGURED:
         return
     level = level or os.environ.get("DRET_LOG_LEVEL", "INFO")
     rank = os.environ.get("RANK")
-    prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    several = rank is not None and os.environ.get("WORLD_SIZE", "1") != "1"
+    prefix = f"[rank {rank}] " if several else ""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{prefix}%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()

@@ -76,8 +76,9 @@ class Tracker:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if not self.active:
             return
-        from mlflow.entities import Metric
         import time
+
+        from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
         items = [
@@ -150,6 +151,8 @@ def _parent_run(client: Any, exp_id: str, pipeline_id: str, tags: dict[str, str]
     )
     if found:
         return found[0].info.run_id
-    run = client.create_run(exp_id, run_name=f"pipeline {pipeline_id}", tags={**tags, "role": "pipeline"})
+    run = client.create_run(
+        exp_id, run_name=f"pipeline {pipeline_id}", tags={**tags, "role": "pipeline"}
+    )
     client.set_terminated(run.info.run_id, status="FINISHED")
     return run.info.run_id

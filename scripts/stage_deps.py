@@ -56,7 +56,8 @@ def stage_deps(stage_file: str) -> list[str]:
 
 
 if __name__ == "__main__":
-    for arg in sys.argv[1:] or sorted(str(p.relative_to(ROOT)) for p in (ROOT / "stages").glob("*.py")):
+    default = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "stages").glob("*.py"))
+    for arg in sys.argv[1:] or default:
         print(arg)
         for d in stage_deps(arg):
             print("   ", d)

@@ -1,5 +1,5 @@
 """Stage 2 (diffusion) units: schedule invariants, sampler, seeded noise, denoiser, mining, loss,
-re-rank on random tensors; the stage end to end on a tiny fixture (the two-rank DDP run is `slow`)."""
+re-rank on random tensors; the stage end to end on a tiny fixture (two-rank DDP: `slow`)."""
 from __future__ import annotations
 
 import math

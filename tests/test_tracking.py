@@ -37,7 +37,9 @@ def test_noop_when_disabled() -> None:
 
 
 @pytest.mark.slow
-def test_stage_runs_grouped_under_one_parent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_stage_runs_grouped_under_one_parent(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("DRET_TRACKING", "on")
