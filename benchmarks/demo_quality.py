@@ -78,12 +78,12 @@ def test_quality(model: RetrievalModel, store: FeatureStore, prepared: Path) -> 
         out.update({f"{d}_R{k}": float(100 * (r <= k).double().mean()) for k in (1, 5, 10)})
         out[f"{d}_MnR"] = float(r.mean())
     vmeta = videos.set_index("video_id").loc[data.video_ids]  # rows in video_index order
-    moving = torch.as_tensor((vmeta["motion"] != "static").to_numpy())[gt]  # per caption
+    moving = torch.tensor((vmeta["motion"] != "static").to_numpy())[gt]  # per caption
     rows = torch.arange(len(gt))
     wins = sim[rows, gt] > sim_back[rows, gt]
     out["direction"] = float(100 * wins[moving].double().mean())
-    unseen = torch.as_tensor(~vmeta["seen_combo"].astype(bool).to_numpy())[gt]
-    twins = torch.as_tensor((vmeta["twin_of"].fillna("") != "").to_numpy())[gt]
+    unseen = torch.tensor(~vmeta["seen_combo"].astype(bool).to_numpy())[gt]
+    twins = torch.tensor((vmeta["twin_of"].fillna("") != "").to_numpy())[gt]
     out["unseen_t2v_R1"] = float(100 * (t2v[unseen] == 1).double().mean())
     out["twins_t2v_R1"] = float(100 * (t2v[twins] == 1).double().mean())
     top1 = sim.argmax(1)

@@ -6,7 +6,7 @@ to the input features (residual to the input), so the module starts close to mea
 learn order: with positions it can tell a clip from its time reversal, which pooling cannot.
 
 Unlike CLIP4Clip's seqTransf (raw features + positions initialised at std 0.02), the features are
-layer-normalised before the positions are added and the positions start at `pos_std` (0.5): with
+layer-normalised before the positions are added and the positions start at `pos_std` (1.0): with
 raw CLIP features (norm ~10-16) a 0.02 table is invisible to attention, the transformer stays
 order-blind, and training never discovers direction (measured on the synthetic demo: 49% on the
 played-backwards test after 500 steps, i.e. chance).
@@ -21,7 +21,7 @@ class TemporalTransformer(nn.Module):
     """x [N, F, D], mask [N, F] bool (True = valid) -> [N, F, D]; identity when layers == 0."""
 
     def __init__(self, dim: int, layers: int, heads: int, max_frames: int,
-                 dropout: float = 0.0, pos_std: float = 0.5) -> None:
+                 dropout: float = 0.0, pos_std: float = 1.0) -> None:
         super().__init__()
         if layers < 0:
             raise ValueError(f"temporal layers must be >= 0, got {layers}")
