@@ -37,7 +37,7 @@ from pipeline.models.retrieval import (
 )
 from pipeline.tracking import Tracker
 from pipeline.training import TrainSettings, load_weights, train
-from pipeline.training.loop import derive_seed
+from pipeline.training.loop import derive_seed, publish_metrics
 
 log = get_logger(__name__)
 
@@ -289,12 +289,7 @@ def run_contrastive(params: Params, tracker: Tracker, env: DistEnv,
              len(val_ids), model.cfg.similarity, model.cfg.temporal_layers, model.cfg.cache_layer)
     result = train(task, settings, out, tracker, env)
     metrics = stage_metrics(result, out, task.pairs_per_sample)
-    if env.is_main:
-        io.write_json(out / "metrics.json", metrics)
-        tracker.log_metrics({k: v for k, v in metrics.items() if k != "val"})
-        tracker.log_metrics({f"best/{k}": v for k, v in metrics["val"].items()})
-        tracker.log_artifact(out / "metrics.json")
-        tracker.log_artifact(out / "curves.csv")
+    publish_metrics(out, metrics, tracker, env)
     return metrics
 
 

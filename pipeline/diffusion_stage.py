@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from pipeline import dist, io
+from pipeline import dist
 from pipeline.config import DiffusionConfig, Params
 from pipeline.contrastive import (
     encode_texts,
@@ -55,7 +55,7 @@ from pipeline.models.denoiser import DenoiserPair, NoisyCandidates, VideoFeats
 from pipeline.models.retrieval import RetrievalModel, TextOut, VideoOut
 from pipeline.tracking import Tracker
 from pipeline.training import TrainSettings, train
-from pipeline.training.loop import derive_seed
+from pipeline.training.loop import derive_seed, publish_metrics
 
 log = get_logger(__name__)
 
@@ -320,10 +320,5 @@ def run_train_diffusion(
     result = train(task, settings, out, tracker, env)
     metrics = {**contrastive_metrics(result, out, 1.0), "parameters": n_params}
     metrics.pop("pairs_per_s", None)  # stage 1's reversed-pair count; meaningless here
-    if env.is_main:
-        io.write_json(out / "metrics.json", metrics)
-        tracker.log_metrics({k: v for k, v in metrics.items() if k != "val"})
-        tracker.log_metrics({f"best/{k}": v for k, v in metrics["val"].items()})
-        tracker.log_artifact(out / "metrics.json")
-        tracker.log_artifact(out / "curves.csv")
+    publish_metrics(out, metrics, tracker, env)
     return metrics

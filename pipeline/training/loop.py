@@ -538,3 +538,16 @@ def _read_curves(path: Path) -> list[dict[str, float]]:
     for r in rows:
         r["step"] = int(r["step"])
     return rows
+
+
+def publish_metrics(out: Path, metrics: dict[str, Any], tracker: Tracker, env: DistEnv) -> None:
+    """Rank 0: write out/metrics.json and log it (best/* = the chosen checkpoint's val metrics)."""
+    if not env.is_main:
+        return
+    from pipeline import io
+
+    io.write_json(out / "metrics.json", metrics)
+    tracker.log_metrics({k: v for k, v in metrics.items() if k != "val"})
+    tracker.log_metrics({f"best/{k}": v for k, v in metrics["val"].items()})
+    tracker.log_artifact(out / "metrics.json")
+    tracker.log_artifact(out / "curves.csv")
