@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -200,6 +201,15 @@ def test_10000_character_caption_is_truncated_to_max_words(tmp_path: Path) -> No
     assert out["feats"].shape[:2] == (3, 16) and out["mask"][0].all()
     assert out["eos"].tolist()[0] == 15 and bool(out["mask"][1].sum() >= 2)  # BOS + EOS
     assert all(map(math.isfinite, out["feats"].ravel().tolist()))
+
+    # features that overflow float16 storage are refused, not written as inf
+    half = Encoder(load_backbone(tmp_path / "bb" / "backbone.json"), "final", 16,
+                   out_dtype="float16")
+    assert half.texts(["a red ball"])["feats"].dtype == np.float16
+    with torch.no_grad():
+        half.model.text_projection.weight.mul_(1e6)
+    with pytest.raises(PipelineError, match="overflow float16"):
+        half.texts(["a red ball"])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ corrupt ones are rebuilt; rank 0 writes manifest.json once every shard is valid.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import queue
@@ -53,9 +54,10 @@ class Encoder:
 
     def __init__(
         self, backbone: Backbone, cache_layer: int | str, max_words: int,
-        device: torch.device | str = "cpu", amp: bool = True,
+        device: torch.device | str = "cpu", amp: bool = True, out_dtype: str = "float32",
     ) -> None:
         clip_split.check_cache_layer(backbone.model, cache_layer)
+        self.out_dtype = getattr(torch, out_dtype)  # features leave the device in storage dtype
         self.model = backbone.model.to(device).eval()
         self.tokenizer = backbone.tokenizer
         self.cache_layer = cache_layer
@@ -72,6 +74,10 @@ class Encoder:
             raise PipelineError(
                 f"features.max_words {max_words} > the backbone's {max_pos} text positions"
             )
+
+    @property
+    def out_dtype_np(self) -> np.dtype:
+        return torch.empty(0, dtype=self.out_dtype).numpy().dtype
 
     @property
     def final(self) -> bool:
@@ -115,27 +121,43 @@ class Encoder:
                 out = clip_split.vision_final(self.model, px)
             else:
                 out = clip_split.vision_head(self.model, px, self.cache_layer)
-        return out.float().cpu().numpy()
+        return self._to_numpy(out, "video features")
 
-    @torch.inference_mode()
-    def texts(self, texts: list[str]) -> dict[str, np.ndarray]:
-        """M captions -> feats [M, L, D|H], mask [M, L] bool, eos [M] int32, (pooled [M, D])."""
+    def _to_numpy(self, x: torch.Tensor, what: str) -> np.ndarray:
+        """Cast to the output dtype on the device (fast), check it stayed finite, -> numpy."""
+        x = x.to(self.out_dtype)
+        if not bool(torch.isfinite(x).all()):
+            name = str(self.out_dtype).removeprefix("torch.")
+            raise PipelineError(f"{what}: values overflow {name} (non-finite after the cast); "
+                                f"set features.dtype: float32")
+        return x.cpu().numpy()
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions -> input ids [M, L] and attention mask [M, L] bool (padded to max_words)."""
         enc = self.tokenizer(
             texts, padding="max_length", truncation=True, max_length=self.max_words,
             return_tensors="pt",
         )
-        ids = enc["input_ids"].to(self.device)
-        mask = enc["attention_mask"].to(self.device).bool()
+        return enc["input_ids"], enc["attention_mask"].bool()
+
+    def texts(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """Captions -> what `tokens` returns."""
+        return self.tokens(*self.tokenize(texts))
+
+    @torch.inference_mode()
+    def tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, np.ndarray]:
+        """Tokenised captions -> feats [M, L, D|H], mask [M, L], eos [M] int32, (pooled [M, D])."""
+        ids, mask = ids.to(self.device), mask.to(self.device)
         eos = clip_split.eos_index(ids, self.eos_token_id)
         out: dict[str, np.ndarray] = {}
         with self._autocast():
             if self.final:
                 tokens, pooled = clip_split.text_final(self.model, ids, mask, eos)
-                out["pooled"] = pooled.float().cpu().numpy()
+                out["pooled"] = self._to_numpy(pooled, "pooled text features")
             else:
                 tokens = clip_split.text_head(self.model, ids, mask, self.cache_layer)
         out.update(
-            feats=tokens.float().cpu().numpy(), mask=mask.cpu().numpy(),
+            feats=self._to_numpy(tokens, "text features"), mask=mask.cpu().numpy(),
             eos=eos.cpu().numpy().astype(np.int32),
         )
         return out
@@ -196,6 +218,13 @@ def plan_shards(params: Params) -> tuple[list[ShardPlan], bool]:
 
 
 def _file_digest(path: Path) -> str:
+    st = path.stat()
+    return _digest(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, cached per (path, size, mtime): the manifest re-checks every shard."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
@@ -305,7 +334,7 @@ def _write_videos(enc: Encoder, w: ShardWriter, plan: ShardPlan, max_frames: int
             raise PipelineError(f"{plan.frames_path}: {vid} has {len(frames)} frames > "
                                 f"frames.max_frames {max_frames}")
         mask[row, : len(frames)] = True
-        rows[row] = np.zeros(row_shape, dtype=np.float32)
+        rows[row] = np.zeros(row_shape, dtype=enc.out_dtype_np)
         left[row] = len(frames)
         n_frames += len(frames)
         if len(frames):
@@ -326,8 +355,12 @@ def _write_texts(enc: Encoder, w: ShardWriter, group: str, ids: list[str], video
                  texts: list[str], bs: int) -> None:
     w.create_text(group, ids, video_ids, enc.text_row_shape(),
                   enc.model.config.projection_dim if enc.final else None)
+    if not texts:
+        return
+    ids_all, mask_all = enc.tokenize(texts)  # one call for the shard: far less per-call overhead
     for start in range(0, len(texts), bs):
-        w.write_rows(group, start, **enc.texts(texts[start : start + bs]))
+        w.write_rows(group, start, **enc.tokens(ids_all[start : start + bs],
+                                                mask_all[start : start + bs]))
 
 
 def build_shard(enc: Encoder, plan: ShardPlan, attrs: dict[str, Any], params: Params,
@@ -405,7 +438,8 @@ def run_features(params: Params, shard: int | None = None, *,
             if env.is_main or env.world_size == 1:
                 log.info("loading backbone %s", record.name)
             backbone = load_backbone(record_path)
-            encoder = Encoder(backbone, fc.cache_layer, fc.max_words, dist.device(env), fc.amp)
+            encoder = Encoder(backbone, fc.cache_layer, fc.max_words, dist.device(env), fc.amp,
+                              out_dtype=fc.dtype)
             if params.frames.size != encoder.size:
                 log.warning("frames are %d px, the backbone takes %d px: resizing on the fly",
                             params.frames.size, encoder.size)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -66,13 +67,18 @@ class ShardWriter:
         attrs: dict[str, Any],
         dtype: str,
         compression: str = "none",
+        block_bytes: int = 32 << 20,
     ) -> None:
         self.path = Path(path)
         self.attrs = attrs
         self.dtype = np.dtype(dtype)
         self.compression = None if compression == "none" else compression
+        self.block_bytes = block_bytes
         self._stack = contextlib.ExitStack()
         self.file: h5py.File | None = None
+        self._ds: dict[str, h5py.Dataset] = {}  # "group/name" -> handle (lookups are slow)
+        self._pending: dict[str, tuple[int, dict[str, list[np.ndarray]]]] = {}
+        self._pending_bytes: dict[str, int] = {}
 
     def __enter__(self) -> ShardWriter:
         tmp = self._stack.enter_context(atomic_path(self.path))
@@ -82,6 +88,14 @@ class ShardWriter:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if exc_type is None:
+                for group in list(self._pending):
+                    self._flush(group)
+        except BaseException:
+            exc_type, exc, tb = sys.exc_info()
+            self._stack.__exit__(exc_type, exc, tb)
+            raise
         self._stack.__exit__(exc_type, exc, tb)  # closes the file, then renames (or drops) it
 
     def _feats(self, group: h5py.Group, name: str, shape: tuple[int, ...]) -> None:
@@ -118,12 +132,43 @@ class ShardWriter:
             self._feats(g, "pooled", (m, pooled_dim))
 
     def write_rows(self, group: str, start: int, **arrays: np.ndarray) -> None:
-        """Write rows [start, start + n) of each named dataset of `group` (feats cast to dtype)."""
-        g = self.file[group]
+        """Write rows [start, start + n) of each named dataset of `group` (feats cast to dtype).
+
+        Consecutive row blocks with the same datasets are buffered (up to `block_bytes`) and
+        written as one block: many small h5py writes cost more than the data they carry.
+        """
+        n = len(next(iter(arrays.values())))
+        pending = self._pending.get(group)
+        if pending is not None:
+            p_start, p_arrays = pending
+            p_rows = sum(len(a) for a in next(iter(p_arrays.values())))
+            if p_start + p_rows != start or p_arrays.keys() != arrays.keys():
+                self._flush(group)
+                pending = None
+        if pending is None:
+            self._pending[group] = (start, {k: [] for k in arrays})
+            self._pending_bytes[group] = 0
+        _, p_arrays = self._pending[group]
         for name, arr in arrays.items():
+            if len(arr) != n:
+                raise ValueError(f"{group}: arrays of different row counts")
+            p_arrays[name].append(np.asarray(arr))
+            self._pending_bytes[group] += arr.nbytes
+        if self._pending_bytes[group] >= self.block_bytes:
+            self._flush(group)
+
+    def _flush(self, group: str) -> None:
+        start, arrays = self._pending.pop(group)
+        self._pending_bytes.pop(group, None)
+        for name, parts in arrays.items():
+            arr = parts[0] if len(parts) == 1 else np.concatenate(parts)
             if name in ("feats", "pooled"):
                 arr = _to_storage(arr, self.dtype, f"{group}/{name}")
-            g[name][start : start + len(arr)] = arr
+            key = f"{group}/{name}"
+            ds = self._ds.get(key)
+            if ds is None:
+                ds = self._ds[key] = self.file[key]
+            ds[start : start + len(arr)] = arr
 
 
 def _strings_ds(group: h5py.Group, name: str, values: Sequence[str]) -> None:
@@ -132,7 +177,9 @@ def _strings_ds(group: h5py.Group, name: str, values: Sequence[str]) -> None:
 
 
 def _to_storage(arr: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
-    out = arr.astype(dtype, copy=False)
+    if arr.dtype == dtype:  # already in storage dtype: the producer checked the cast
+        return arr
+    out = arr.astype(dtype)
     if not np.isfinite(out).all():
         raise PipelineError(
             f"{what}: values overflow {dtype.name} storage (non-finite after the cast); "
