@@ -115,7 +115,7 @@ class FeaturesConfig:
     batch_size: int = 64
     dtype: Literal["float16", "float32"] = "float16"
     compression: Literal["none", "lzf", "gzip"] = "none"
-    workers: int = 1  # 0: decode frames inline; >= 1: a background reader thread decodes ahead
+    workers: int = 1  # >= 1: a reader thread decodes ahead (GPU, or CPU with a core left free)
     threads: int = 0  # torch intra-op threads (fixed -> bitwise reproducible shards); 0 = as is
     amp: bool = True  # bf16 autocast on CUDA (CPU always runs fp32)
 
