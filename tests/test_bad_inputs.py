@@ -202,6 +202,14 @@ def test_10000_character_caption_is_truncated_to_max_words(tmp_path: Path) -> No
     assert out["eos"].tolist()[0] == 15 and bool(out["mask"][1].sum() >= 2)  # BOS + EOS
     assert all(map(math.isfinite, out["feats"].ravel().tolist()))
 
+    # the direct backend call tokenises exactly as the Hugging Face tokenizer does
+    texts = ["", "a red ball", ("a red ball rolls " * 600)[:10_000], "ünïcödé 🎈 rolls\tleft  "]
+    ids, mask = enc.tokenize(texts)
+    ref = enc.tokenizer(texts, padding="max_length", truncation=True, max_length=16,
+                        return_tensors="pt")
+    assert enc._backend is not None
+    assert torch.equal(ids, ref["input_ids"]) and torch.equal(mask, ref["attention_mask"].bool())
+
     # features that overflow float16 storage are refused, not written as inf
     half = Encoder(load_backbone(tmp_path / "bb" / "backbone.json"), "final", 16,
                    out_dtype="float16")
