@@ -137,7 +137,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--videos", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=0, help="features.batch_size (0: params)")
     ap.add_argument("--params", default=str(REPO / "params.yaml"))
     ap.add_argument("--json", default="")
     args = ap.parse_args()
@@ -145,7 +146,8 @@ def main() -> None:
     base = load_params(args.params)
     root = Path(tempfile.mkdtemp(prefix="bench-features-"))
     try:
-        p = params_for(root, base, cache_layer="final", threads=args.threads)
+        bs = {"batch_size": args.batch_size} if args.batch_size else {}
+        p = params_for(root, base, cache_layer="final", threads=args.threads, **bs)
         make_data(root, args.videos, p)
         run_backbone(p)
         results: dict[str, dict] = {}
@@ -156,7 +158,8 @@ def main() -> None:
             for layer in ("final", 0):
                 for comp in ("none", "lzf"):
                     q = params_for(root, base, str(root / f"features-{layer}-{comp}"),
-                                   cache_layer=layer, compression=comp, threads=args.threads)
+                                   cache_layer=layer, compression=comp, threads=args.threads,
+                                   **bs)
                     shutil.rmtree(q.paths.features, ignore_errors=True)
                     with Timer() as t:
                         m = run_features(q)
@@ -177,7 +180,8 @@ def report(results: dict[str, dict], bare: dict[str, float], args: argparse.Name
     bare_cpu = bare["vision_cpu"] + bare["text_cpu"]
     ratio = bare_s / fin["stage_s"]
     ratio_cpu = bare_cpu / fin["stage_cpu"]
-    print(f"demo backbone, CPU, {args.threads} threads, {fin['videos']} videos, "
+    print(f"demo backbone, CPU, {args.threads} threads, batch {args.batch_size or 'params'}, "
+          f"{fin['videos']} videos, "
           f"{fin['frames']} frames, {fin['captions']} captions")
     print(f"bare forward (final, vision + text): {fin['frames'] / bare_s:8.0f} frames/s "
           f"(vision alone {bare['frames'] / bare['vision_s']:.0f} frames/s)")

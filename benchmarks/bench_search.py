@@ -91,9 +91,13 @@ def main() -> None:
             t1 = time_one(s, False, a.repeat)
             t2 = time_one(s, True, a.repeat)
             rows.append({"videos": n, "stage1_s": round(t1, 4), "rerank_s": round(t2, 4)})
-            print(f"{n:>7} videos  stage 1 {t1 * 1000:8.1f} ms  + re-rank {t2 * 1000:8.1f} ms",
-                  flush=True)
+            print(f"{n:>7} videos  stage 1 {t1 * 1000:8.1f} ms ({t1 / n * 1e6:5.1f} us/video)  "
+                  f"+ re-rank {t2 * 1000:8.1f} ms ({t2 / n * 1e6:5.1f} us/video)", flush=True)
             del s
+        for lo, hi in zip(rows, rows[1:], strict=False):  # linear: time ratio <= size ratio
+            print(f"{lo['videos']} -> {hi['videos']} videos ({hi['videos'] / lo['videos']:.0f}x): "
+                  f"stage 1 {hi['stage1_s'] / lo['stage1_s']:.2f}x, "
+                  f"with re-rank {hi['rerank_s'] / lo['rerank_s']:.2f}x")
     print(json.dumps({"threads": a.threads, "top_k": params.diffusion.top_k,
                       "steps": params.diffusion.sampling_steps, "rows": rows}))
 

@@ -17,6 +17,8 @@ from pipeline.inference import Models
 from pipeline.models.denoiser import Denoiser, VideoFeats
 from pipeline.models.retrieval import TextOut, VideoOut
 
+SCORE_BLOCK = 1 << 16  # elements of the cosine block scored at once (cache-sized)
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -89,12 +91,16 @@ def scores(models: Models, text: TextOut, video: VideoOut, g: Gallery) -> Tensor
         ~text.mask, torch.finfo(t.dtype).min)
     M, L, _ = t.shape
     N, F, _ = g.frames.shape
-    cols = max(1, min(N, m.cfg.chunk_elems // max(1, M * L * F)))
+    # Blocks of videos bound the [M, n, L, F] cosine tensor. Small blocks stay in cache: for one
+    # query, 2^24-element blocks made 100k videos cost 12x 10k (fresh 64 MB temporaries each);
+    # 2^16 is linear (benchmarks/bench_search.py). Many queries keep >= 64 videos per block.
+    block = min(m.cfg.chunk_elems, max(SCORE_BLOCK, M * L * F * 64))
+    cols = max(1, min(N, block // max(1, M * L * F)))
     out = []
-    for j in range(0, N, cols):  # blocks of videos bound the [M, n, L, F] cosine tensor
+    for j in range(0, N, cols):
         c = torch.einsum("mld,nfd->mnlf", t, g.frames[j : j + cols])
-        word_best = (c + g.frame_bias[j : j + cols][None, :, None, :]).amax(dim=3)  # (M, n, L)
         frame_best = (c + word_bias[:, None, :, None]).amax(dim=2)  # (M, n, F)
+        word_best = c.add_(g.frame_bias[j : j + cols][None, :, None, :]).amax(dim=3)  # (M, n, L)
         t2v = (word_best * tw[:, None, :]).sum(-1)
         v2t = (frame_best * g.weights[j : j + cols][None]).sum(-1)
         out.append(0.5 * (t2v + v2t))
