@@ -20,10 +20,8 @@ import errno
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -334,26 +332,14 @@ app(sys.argv[1:], prog_name="dret")
 def kill_at_seeded_step(cmd: str, params: Path, total: int, marker: Path) -> int:
     """Run `dret CMD` in a child, SIGKILL it right after a step chosen by a seeded rule
     (uniform over 1..total-1, seeded by the command name); return that step."""
+    from procs import sigkill_at_marker
     from test_multirank import child_env
 
     step = random.Random(f"dret-faults-{cmd}").randint(1, total - 1)
     env = child_env(DRET_KILL_AT=str(step), DRET_KILL_MARKER=str(marker))
     proc = subprocess.Popen([sys.executable, "-c", CHILD, cmd, "--params", str(params)],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 180
-        while not marker.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the child never reached the kill step"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_at_marker(proc, marker, 180, "the kill step")
     return step
 
 

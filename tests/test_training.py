@@ -4,17 +4,16 @@ from __future__ import annotations
 import math
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from procs import sigkill_at_marker
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -396,18 +395,7 @@ def test_sigkill_during_checkpoint_save_resumes_exactly(tmp_path: Path) -> None:
     env = {**os.environ, "SAVES_BEFORE_HANG": "3", "PYTHONPATH": str(TESTS.parent)}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=TESTS.parent,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "child never reached the third save"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_at_marker(proc, marker, 120, "the third save")
     assert ckpt.load(out / "last").state["step"] == 6  # saves at 3, 6; killed inside 9
     assert list(out.glob(".last.*.tmp"))  # the half-written checkpoint
     fit(ToyTask(), settings(), out)
