@@ -343,9 +343,14 @@ def test_resume_with_changed_setup_is_refused(tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match=r"config.hidden: 8 -> 16"):
         fit(ToyTask(hidden=16), settings(max_steps=3), tmp_path)
     # loader_workers and threads do not change results: allowed
+    first = fit(ToyTask(), settings(max_steps=3), tmp_path / "speed")
     done = fit(ToyTask(), settings(max_steps=3, threads=2), tmp_path)
     torch.set_num_threads(1)
     assert done["steps"] == 3
+    # a finished run started again trains nothing and reports the speed it measured, not 0
+    again = fit(ToyTask(), settings(max_steps=3), tmp_path / "speed")
+    assert first["steps_per_s"] > 0 and again["steps_per_s"] == first["steps_per_s"]
+    assert again["samples_per_s"] == first["samples_per_s"]
 
 
 def test_validation_does_not_shift_training(tmp_path: Path) -> None:

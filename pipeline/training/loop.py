@@ -263,6 +263,8 @@ class _Run:
         self.step = 0
         self.best: float | None = None
         self.best_step = -1
+        self.train_seconds = 0.0  # training wall time over every session of this run
+        self._t_mark = time.perf_counter()
         self.last_metrics: dict[str, float] = {}
         self.curves: dict[int, dict[str, float]] = {}
         self.window_loss = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -303,6 +305,7 @@ class _Run:
         )
         self.step = int(st["step"])
         self.best, self.best_step = st["best"], int(st["best_step"])
+        self.train_seconds = float(st.get("train_seconds", 0.0))
         self.last_metrics = st.get("metrics", {})
         self.curves = {r["step"]: r for r in _read_curves(self.out / "curves.csv")
                        if r["step"] <= self.step}
@@ -330,7 +333,8 @@ class _Run:
     # -- main loop ------------------------------------------------------------------------------
 
     def fit(self, on_step: Callable[[int], None] | None) -> dict[str, float]:
-        start_step, t0 = self.step, time.perf_counter()
+        t0 = time.perf_counter()
+        self._t_mark = t0
         self.t_window, self.step_window = t0, self.step
         bar = tqdm(total=self.total, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not self.env.is_main)
@@ -352,7 +356,7 @@ class _Run:
         if saved_at != self.step:
             self._save_last()
         elapsed = time.perf_counter() - t0
-        return self._summary(self.step - start_step, elapsed)
+        return self._summary(elapsed)
 
     def _epoch_batches(self) -> Iterator[bool]:
         """Run the micro-batches of the current epoch; yield True after each optimizer step."""
@@ -475,6 +479,9 @@ class _Run:
         if self.env.distributed:
             gathered = [None] * self.env.world_size
             torch_dist.all_gather_object(gathered, (rng_tensors, rng_doc))
+        now = time.perf_counter()
+        self.train_seconds += now - self._t_mark
+        self._t_mark = now
         if not self.env.is_main:
             return
         tensors, index = ckpt.optimizer_to_flat(self.optimizer)
@@ -489,6 +496,7 @@ class _Run:
             "optimizer": index, "scheduler": self.scheduler.state_dict(),
             "rng": [doc for _, doc in gathered], "best": self.best, "best_step": self.best_step,
             "selection_metric": self.task.selection_metric, "metrics": self.last_metrics,
+            "train_seconds": self.train_seconds,
         }
         ckpt.save(self.out / "last", self.model, state, config=self.config, tensors=tensors)
         _write_curves(self.out / "curves.csv", self.curves)
@@ -498,8 +506,11 @@ class _Run:
     def _samples_per_step(self) -> int:
         return self.s.batch_size * self.s.grad_accum * self.env.world_size
 
-    def _summary(self, steps_run: int, elapsed: float) -> dict[str, float]:
+    def _summary(self, elapsed: float) -> dict[str, float]:
+        """Speed over the whole run (resumed sessions summed, so a finished run started again
+        reports what it measured), elapsed_s of this session."""
         result: dict[str, Any] = {}
+        secs = self.train_seconds
         if self.env.is_main:
             name = self.task.selection_metric
             result = {
@@ -507,9 +518,8 @@ class _Run:
                 f"best_{name}": self.best if self.best is not None else math.nan,
                 "best_step": self.best_step, "steps": self.step,
                 "epochs": self.step / self.per_epoch, "final_loss": self.final_loss,
-                "steps_per_s": steps_run / elapsed if elapsed > 0 else 0.0,
-                "samples_per_s": steps_run * self._samples_per_step() / elapsed
-                if elapsed > 0 else 0.0,
+                "steps_per_s": self.step / secs if secs > 0 else 0.0,
+                "samples_per_s": self.step * self._samples_per_step() / secs if secs > 0 else 0.0,
                 "elapsed_s": elapsed,
             }
         if self.env.distributed:
