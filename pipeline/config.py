@@ -139,6 +139,12 @@ class ContrastiveConfig:
     logit_scale: float = 100.0
     learn_logit_scale: bool = False
     reverse_negatives: bool = False  # time-reversed clips with direction-swapped captions
+    # weight of a loss term: each caption with a reversed twin vs {its clip, clip reversed};
+    # needs reverse_negatives (0 = off)
+    direction_weight: float = 0.0
+    # std of a trainable token-position table added to the cached vision input (cache_layer k
+    # < final); for randomly initialised backbones whose frozen positions are too weak (0 = off)
+    vision_pos_std: float = 0.0
     eval_every: int = 0  # steps; 0 = once per epoch
     checkpoint_every: int = 100
     loader_workers: int = 0

@@ -5,7 +5,9 @@ sample (paired with its clip), the loss is the gathered symmetric InfoNCE, model
 validation R@1. The test split is never read here. With `reverse_negatives`, each sampled caption
 that has a direction-swapped twin (`reversed_text`, encoded in the cache as `text_rev`) brings a
 second pair into its batch: the swapped caption with the clip played backwards, so each pair is
-a hard negative for the other (pooling cannot separate them; order-aware frames can).
+a hard negative for the other (pooling cannot separate them; order-aware frames can). With
+`direction_weight` > 0 those pairs also feed `losses.direction_loss` (each caption against its
+clip and the clip reversed), added to the InfoNCE at that weight.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from pipeline.errors import PipelineError
 from pipeline.features.dataset import CaptionVideoDataset, reverse_frames
 from pipeline.features.store import FeatureStore
 from pipeline.log import get_logger
-from pipeline.losses import symmetric_info_nce
+from pipeline.losses import direction_loss, symmetric_info_nce
 from pipeline.metrics.retrieval import ranks, recall_summary
 from pipeline.models.retrieval import (
     PairBatch,
@@ -105,7 +107,7 @@ def model_config(cfg: ContrastiveConfig, clip_config: dict[str, Any],
         clip_config=clip_config, cache_layer=cache_layer, max_frames=max_frames,
         similarity=cfg.similarity, temporal_layers=cfg.temporal_layers,
         temporal_heads=cfg.temporal_heads, logit_scale=cfg.logit_scale,
-        learn_logit_scale=cfg.learn_logit_scale,
+        learn_logit_scale=cfg.learn_logit_scale, vision_pos_std=cfg.vision_pos_std,
     )
 
 
@@ -253,7 +255,17 @@ class ContrastiveTask:
     def loss(self, model: nn.Module, batch: PairBatch) -> tuple[Tensor, dict[str, float]]:
         inner: RetrievalModel = getattr(model, "module", model)
         text, video = model(batch)
-        return symmetric_info_nce(text, video, batch.groups, inner.similarity, inner.scale())
+        loss, logs = symmetric_info_nce(text, video, batch.groups, inner.similarity,
+                                        inner.scale())
+        R = batch.backwards.numel()
+        if self.cfg.direction_weight > 0 and R:
+            B = batch.video_feats.shape[0]
+            backward = torch.arange(B, B + R, device=batch.backwards.device)
+            d = direction_loss(text, video, batch.backwards, backward, inner.similarity,
+                               inner.scale())
+            loss = loss + self.cfg.direction_weight * d
+            logs["loss_direction"] = float(d.detach())
+        return loss, logs
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         sim, caption_video, _ = evaluate_captions(model, self.store, self.val_ids)

@@ -123,3 +123,25 @@ def symmetric_info_nce(
         "logit_scale": float(torch.as_tensor(logit_scale).detach()),
     }
     return loss, logs
+
+
+def direction_loss(
+    text: T, video: T, forward: Tensor, backward: Tensor,
+    similarity: Callable[[T, T], Tensor], logit_scale: Tensor,
+) -> Tensor:
+    """Mean two-way cross-entropy of each caption over {its clip, the same clip time-reversed}.
+
+    Pairs forward[k] and backward[k] (row indices into this rank's text / video, [R] each) are a
+    clip with its caption and that clip played backwards with the direction-swapped caption. Each
+    of the 2R captions must score its own clip above the other one: a direct signal for motion
+    direction, which the batch-wide InfoNCE gives only as one hard negative among many.
+    """
+    rows = torch.cat([forward, backward])  # (2R,)
+    R = forward.shape[0]
+    pick = [type(text)(*(f[rows] for f in text)), type(video)(*(f[rows] for f in video))]
+    logits = logit_scale * similarity(*pick)  # (2R, 2R)
+    own = logits.diagonal()
+    swapped = torch.arange(2 * R, device=rows.device).roll(R)  # k <-> R + k
+    other = logits.gather(1, swapped[:, None]).squeeze(1)
+    return Fn.softplus((other - own).float()).mean()  # = CE over (own, other), label own
+

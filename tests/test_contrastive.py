@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor
 
-from pipeline.losses import symmetric_info_nce
+from pipeline.losses import direction_loss, symmetric_info_nce
 from pipeline.models.temporal import TemporalTransformer
 from pipeline.models.wti import TokenWeights, wti_scores
 
@@ -139,6 +139,21 @@ def test_info_nce_masks_same_clip_off_diagonal() -> None:
     same = Feats(video.clone())
     perfect, _ = symmetric_info_nce(same, Feats(video), groups, _dot, torch.tensor(100.0))
     assert perfect < 1e-3
+
+
+def test_direction_loss_is_two_way_cross_entropy_per_caption() -> None:
+    g = torch.Generator().manual_seed(3)
+    text, video = Feats(torch.randn(7, 8, generator=g)), Feats(torch.randn(7, 8, generator=g))
+    forward, backward = torch.tensor([0, 2, 3]), torch.tensor([4, 5, 6])  # pairs (0,4) (2,5) (3,6)
+    loss = direction_loss(text, video, forward, backward, _dot, torch.tensor(10.0))
+    s = 10.0 * _dot(text, video)
+    terms = []
+    for a, b in zip(forward.tolist(), backward.tolist(), strict=True):
+        for own, other in ((a, b), (b, a)):  # caption `own` vs its clip and the reversed one
+            terms.append(-torch.log_softmax(torch.stack([s[own, own], s[own, other]]), 0)[0])
+    assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-6)
+    # captions that match their own clip far better than its reversal: near-zero loss
+    assert direction_loss(video, video, forward, backward, _dot, torch.tensor(100.0)) < 1e-3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,6 +353,51 @@ def test_collate_appends_time_reversed_pairs(tmp_path: Path) -> None:
     assert video.frames.shape[0] == 9
     assert torch.allclose(video.frames[6:], direct.frames, atol=1e-5)
     assert not torch.allclose(video.frames[6:], video.frames[rows], atol=1e-3)
+
+
+def test_direction_weight_adds_the_direction_term(tmp_path: Path) -> None:
+    from pipeline.config import ContrastiveConfig
+    from pipeline.contrastive import ContrastiveTask
+    from pipeline.features.store import FeatureStore
+
+    splits = write_fixture(tmp_path)
+    store = FeatureStore(tmp_path / "features")
+    losses = {}
+    for w in (0.0, 2.0):
+        cfg = ContrastiveConfig(reverse_negatives=True, direction_weight=w)
+        task = ContrastiveTask(tiny_model(), store, splits["train"], splits["val"], cfg)
+        ds = task.train_dataset()
+        batch = task.collate([ds[i] for i in range(6)])
+        losses[w] = task.loss(task.model.eval(), batch)
+    (plain, plain_logs), (both, logs) = losses[0.0], losses[2.0]
+    assert "loss_direction" not in plain_logs and logs["loss_direction"] > 0
+    assert both.item() == pytest.approx(plain.item() + 2.0 * logs["loss_direction"], rel=1e-5)
+
+
+def test_vision_position_table_is_trainable_and_reloads() -> None:
+    import dataclasses
+
+    from pipeline.models.retrieval import RetrievalConfig, RetrievalModel
+
+    assert tiny_model().vision_tail.position is None  # off by default
+    torch.manual_seed(0)
+    clip = tiny_clip()
+    cfg = dataclasses.replace(tiny_model().cfg, vision_pos_std=1.0)
+    model = RetrievalModel(cfg, clip).eval()
+    pos = model.vision_tail.position
+    assert pos is not None and pos.requires_grad and pos.shape == (5, 32)  # CLS + 2x2 patches
+    assert 0.7 < float(pos.detach().std()) < 1.3
+    feats = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        out = model.vision_tail(feats)
+        # rebuilt from its config (as load_model does) with the same weights: same outputs
+        again = RetrievalModel(RetrievalConfig.from_dict(cfg.to_dict())).eval()
+        again.load_state_dict(model.state_dict())
+        assert torch.equal(again.vision_tail(feats), out)
+        pos.zero_()  # a zero table is the plain tail
+        plain = RetrievalModel(tiny_model().cfg, clip).eval()
+        assert torch.allclose(model.vision_tail(feats), plain.vision_tail(feats), atol=1e-6)
+        assert not torch.allclose(out, plain.vision_tail(feats), atol=1e-3)
 
 
 def test_reverse_negatives_without_reversed_captions_in_cache(tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ class RetrievalConfig:
     temporal_heads: int = 8
     logit_scale: float = 100.0  # initial (or fixed) multiplier of the scores in the loss
     learn_logit_scale: bool = False
+    vision_pos_std: float = 0.0  # trainable token positions on the cached vision input (0: off)
     chunk_elems: int = 1 << 24  # largest [m, n, L, F] block of the WTI cosine tensor
 
     @property
@@ -109,7 +110,7 @@ class RetrievalModel(nn.Module):
         self.vision_tail: VisionTail | None = None
         if cfg.cache_layer != "final":
             self.text_tail = TextTail(clip, cfg.cache_layer)
-            self.vision_tail = VisionTail(clip, cfg.cache_layer)
+            self.vision_tail = VisionTail(clip, cfg.cache_layer, cfg.vision_pos_std)
         self.temporal = TemporalTransformer(D, cfg.temporal_layers, cfg.temporal_heads,
                                             cfg.max_frames)
         if cfg.similarity == "wti":
