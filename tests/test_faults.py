@@ -353,7 +353,8 @@ def _same_run(out: Path, ref: Path) -> None:
     (timing fields aside)."""
     _same_tensors(out / "last", ref / "last")
     _same_tensors(out / "best", ref / "best")
-    timing = {"steps_per_s", "samples_per_s", "pairs_per_s", "elapsed_s", "rerank_seconds"}
+    timing = {"steps_per_s", "samples_per_s", "pairs_per_s", "elapsed_s", "rerank_seconds",
+              "train_seconds"}
 
     def strip(d: Any) -> Any:
         if isinstance(d, dict):
