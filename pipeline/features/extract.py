@@ -59,6 +59,7 @@ class Encoder:
     ) -> None:
         clip_split.check_cache_layer(backbone.model, cache_layer)
         self.out_dtype = getattr(torch, out_dtype)  # features leave the device in storage dtype
+        self.out_dtype_np = np.dtype(out_dtype)
         self.model = backbone.model.to(device).eval()
         self.tokenizer = backbone.tokenizer
         self.cache_layer = cache_layer
@@ -76,10 +77,6 @@ class Encoder:
             raise PipelineError(
                 f"features.max_words {max_words} > the backbone's {max_pos} text positions"
             )
-
-    @property
-    def out_dtype_np(self) -> np.dtype:
-        return torch.empty(0, dtype=self.out_dtype).numpy().dtype
 
     @property
     def final(self) -> bool:

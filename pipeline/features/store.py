@@ -12,8 +12,8 @@ Feature datasets are chunked by row; a shard is written under a temp name and re
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -77,8 +77,7 @@ class ShardWriter:
         self._stack = contextlib.ExitStack()
         self.file: h5py.File | None = None
         self._ds: dict[str, h5py.Dataset] = {}  # "group/name" -> handle (lookups are slow)
-        self._pending: dict[str, tuple[int, dict[str, list[np.ndarray]]]] = {}
-        self._pending_bytes: dict[str, int] = {}
+        self._pending: dict[str, _Pending] = {}  # group -> rows buffered for one write
 
     def __enter__(self) -> ShardWriter:
         tmp = self._stack.enter_context(atomic_path(self.path))
@@ -88,14 +87,13 @@ class ShardWriter:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        try:
-            if exc_type is None:
+        if exc_type is None:
+            try:
                 for group in list(self._pending):
                     self._flush(group)
-        except BaseException:
-            exc_type, exc, tb = sys.exc_info()
-            self._stack.__exit__(exc_type, exc, tb)
-            raise
+            except BaseException as err:  # a failed last write: drop the temp file, re-raise
+                self._stack.__exit__(type(err), err, err.__traceback__)
+                raise
         self._stack.__exit__(exc_type, exc, tb)  # closes the file, then renames (or drops) it
 
     def _feats(self, group: h5py.Group, name: str, shape: tuple[int, ...]) -> None:
@@ -138,29 +136,24 @@ class ShardWriter:
         written as one block: many small h5py writes cost more than the data they carry.
         """
         n = len(next(iter(arrays.values())))
-        pending = self._pending.get(group)
-        if pending is not None:
-            p_start, p_arrays = pending
-            p_rows = sum(len(a) for a in next(iter(p_arrays.values())))
-            if p_start + p_rows != start or p_arrays.keys() != arrays.keys():
-                self._flush(group)
-                pending = None
-        if pending is None:
-            self._pending[group] = (start, {k: [] for k in arrays})
-            self._pending_bytes[group] = 0
-        _, p_arrays = self._pending[group]
+        if any(len(a) != n for a in arrays.values()):
+            raise ValueError(f"{group}: arrays of different row counts")
+        p = self._pending.get(group)
+        if p is not None and (p.start + p.rows != start or p.parts.keys() != arrays.keys()):
+            self._flush(group)
+            p = None
+        if p is None:
+            p = self._pending[group] = _Pending(start, {k: [] for k in arrays})
         for name, arr in arrays.items():
-            if len(arr) != n:
-                raise ValueError(f"{group}: arrays of different row counts")
-            p_arrays[name].append(np.asarray(arr))
-            self._pending_bytes[group] += arr.nbytes
-        if self._pending_bytes[group] >= self.block_bytes:
+            p.parts[name].append(np.asarray(arr))
+            p.nbytes += arr.nbytes
+        p.rows += n
+        if p.nbytes >= self.block_bytes:
             self._flush(group)
 
     def _flush(self, group: str) -> None:
-        start, arrays = self._pending.pop(group)
-        self._pending_bytes.pop(group, None)
-        for name, parts in arrays.items():
+        p = self._pending.pop(group)
+        for name, parts in p.parts.items():
             arr = parts[0] if len(parts) == 1 else np.concatenate(parts)
             if name in ("feats", "pooled"):
                 arr = _to_storage(arr, self.dtype, f"{group}/{name}")
@@ -168,7 +161,17 @@ class ShardWriter:
             ds = self._ds.get(key)
             if ds is None:
                 ds = self._ds[key] = self.file[key]
-            ds[start : start + len(arr)] = arr
+            ds[p.start : p.start + len(arr)] = arr
+
+
+@dataclasses.dataclass
+class _Pending:
+    """Consecutive rows of one group not yet written: rows [start, start + rows)."""
+
+    start: int
+    parts: dict[str, list[np.ndarray]]  # dataset name -> row blocks in order
+    rows: int = 0
+    nbytes: int = 0
 
 
 def _strings_ds(group: h5py.Group, name: str, values: Sequence[str]) -> None:
