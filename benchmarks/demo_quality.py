@@ -1,12 +1,13 @@
 """Stage-1 quality on the synthetic demo's TEST split: the table of issue 5.
 
 Variants: (a) `untrained`: the backbone's own final outputs, mean pooling, cosine; (b) `mean`:
-stage 1 with mean pooling (no temporal transformer, no reversed negatives: pooling cannot use
-them); (c) `wti`: stage 1 as configured in params.yaml (temporal transformer + WTI). Columns:
-t2v / v2t R@1/5/10 and MnR; direction (share of moving test clips' captions that score higher
-against the clip than against the clip played backwards; chance 50%); t2v R@1 on clips whose
-attribute tuple never occurs in training (unseen) and on one-attribute twins; per-attribute
-top-1 accuracy (the top-1 clip shares colour / shape / motion with the right one).
+stage 1 with mean pooling (no temporal transformer, so no frame layout, and no reversed
+negatives: pooling cannot use them); (c) `wti`: stage 1 as configured in params.yaml (temporal
+transformer + WTI). Columns: t2v / v2t R@1/5/10 and MnR; direction (share of moving test
+clips' captions that score higher against the clip than against the clip played backwards;
+chance 50%); t2v R@1 on clips whose attribute tuple never occurs in training (unseen) and on
+one-attribute twins; per-attribute top-1 accuracy (the top-1 clip shares colour / shape /
+motion with the right one).
 
     .venv/bin/python benchmarks/demo_quality.py --params params.yaml --seeds 0,1,2 \
         --work data/bench/stage1 [--variants untrained,mean,wti] [--checkpoint DIR ...]
@@ -104,7 +105,8 @@ def variant_params(params: Params, variant: str, seed: int, work: Path) -> Param
     """The params of one training run: (b) mean pooling or (c) as configured."""
     c = params.contrastive
     if variant == "mean":
-        c = dataclasses.replace(c, similarity="mean", temporal_layers=0, reverse_negatives=False)
+        c = dataclasses.replace(c, similarity="mean", temporal_layers=0, reverse_negatives=False,
+                                layout_dim=0)
     elif variant != "wti":
         raise ValueError(f"unknown variant {variant!r}")
     paths = dataclasses.replace(params.paths, contrastive=str(work / f"{variant}-s{seed}"))
@@ -187,7 +189,8 @@ def main(
 
 
 def _untrained(params: Params) -> Params:
-    c = dataclasses.replace(params.contrastive, similarity="mean", temporal_layers=0)
+    c = dataclasses.replace(params.contrastive, similarity="mean", temporal_layers=0,
+                            layout_dim=0)
     return dataclasses.replace(params, contrastive=c)
 
 

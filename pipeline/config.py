@@ -142,9 +142,10 @@ class ContrastiveConfig:
     # weight of a loss term: each caption with a reversed twin vs {its clip, clip reversed};
     # needs reverse_negatives (0 = off)
     direction_weight: float = 0.0
-    # std of a trainable token-position table added to the cached vision input (cache_layer k
-    # < final); for randomly initialised backbones whose frozen positions are too weak (0 = off)
-    vision_pos_std: float = 0.0
+    # channels per patch of a frame-layout input to the temporal transformer, read from the
+    # cached patch tokens (cache_layer k < final): where what is in each frame, so motion can be
+    # read without the frame embeddings giving up content to carry positions (0 = off)
+    layout_dim: int = 0
     eval_every: int = 0  # steps; 0 = once per epoch
     checkpoint_every: int = 100
     loader_workers: int = 0

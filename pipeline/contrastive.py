@@ -107,7 +107,7 @@ def model_config(cfg: ContrastiveConfig, clip_config: dict[str, Any],
         clip_config=clip_config, cache_layer=cache_layer, max_frames=max_frames,
         similarity=cfg.similarity, temporal_layers=cfg.temporal_layers,
         temporal_heads=cfg.temporal_heads, logit_scale=cfg.logit_scale,
-        learn_logit_scale=cfg.learn_logit_scale, vision_pos_std=cfg.vision_pos_std,
+        learn_logit_scale=cfg.learn_logit_scale, layout_dim=cfg.layout_dim,
     )
 
 

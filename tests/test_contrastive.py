@@ -374,30 +374,40 @@ def test_direction_weight_adds_the_direction_term(tmp_path: Path) -> None:
     assert both.item() == pytest.approx(plain.item() + 2.0 * logs["loss_direction"], rel=1e-5)
 
 
-def test_vision_position_table_is_trainable_and_reloads() -> None:
+def test_frame_layout_feeds_the_temporal_transformer_only() -> None:
     import dataclasses
 
+    from pipeline.features.dataset import reverse_frames
     from pipeline.models.retrieval import RetrievalConfig, RetrievalModel
 
-    assert tiny_model().vision_tail.position is None  # off by default
+    assert tiny_model().layout is None  # off by default
     torch.manual_seed(0)
     clip = tiny_clip()
-    cfg = dataclasses.replace(tiny_model().cfg, vision_pos_std=1.0)
+    cfg = dataclasses.replace(tiny_model().cfg, layout_dim=3)
     model = RetrievalModel(cfg, clip).eval()
-    pos = model.vision_tail.position
-    assert pos is not None and pos.requires_grad and pos.shape == (5, 32)  # CLS + 2x2 patches
-    assert 0.7 < float(pos.detach().std()) < 1.3
-    feats = torch.randn(3, 5, 32)
+    assert model.layout.out.in_features == 4 * 3  # 2x2 patches x 3 channels
+    batch = tiny_batch()._replace(backwards=torch.tensor([0, 3]))
     with torch.no_grad():
-        out = model.vision_tail(feats)
-        # rebuilt from its config (as load_model does) with the same weights: same outputs
+        _, video = model(batch)
+        rows = batch.backwards
+        direct = model.encode_video(reverse_frames(batch.video_feats[rows], batch.video_mask[rows]),
+                                    batch.video_mask[rows])
+        assert torch.allclose(video.frames[8:], direct.frames, atol=1e-5)  # reversal exact
+        # the layout changes the output through the transformer; frames in = frames out + h
+        plain = RetrievalModel(tiny_model().cfg, clip).eval()
+        plain.load_state_dict(model.state_dict(), strict=False)
+        assert not torch.allclose(plain(batch)[1].frames, video.frames, atol=1e-3)
+        model.layout.out.weight.zero_()
+        model.layout.out.bias.zero_()  # a zero layout is the plain model
+        assert torch.allclose(plain(batch)[1].frames, model(batch)[1].frames, atol=1e-6)
         again = RetrievalModel(RetrievalConfig.from_dict(cfg.to_dict())).eval()
         again.load_state_dict(model.state_dict())
-        assert torch.equal(again.vision_tail(feats), out)
-        pos.zero_()  # a zero table is the plain tail
-        plain = RetrievalModel(tiny_model().cfg, clip).eval()
-        assert torch.allclose(model.vision_tail(feats), plain.vision_tail(feats), atol=1e-6)
-        assert not torch.allclose(out, plain.vision_tail(feats), atol=1e-3)
+        assert torch.equal(again(batch)[1].frames, model(batch)[1].frames)
+    model.train()
+    _loss(model, tiny_batch()).backward()
+    assert float(model.layout.out.weight.grad.abs().sum()) > 0  # trained by the loss
+    with pytest.raises(ValueError, match="layout_dim needs"):
+        RetrievalModel(dataclasses.replace(cfg, temporal_layers=0), clip)
 
 
 def test_reverse_negatives_without_reversed_captions_in_cache(tmp_path: Path) -> None:

@@ -144,13 +144,9 @@ class VisionTail(nn.Module):
     """Continue the vision tower from the hidden state entering block `start_layer`.
 
     Holds deep copies of vision blocks [start_layer, L), post_layernorm and visual_projection.
-    `pos_std` > 0 adds a trainable token-position table (init N(0, pos_std^2)) to the cached
-    hidden states: the cache froze the backbone's position embeddings, and a randomly initialised
-    CLIP's (std 0.02) vanish next to its patch embeddings (~0.5 per channel), so without it the
-    blocks can hardly tell where in the frame an object is (left/right, up/down are invisible).
     """
 
-    def __init__(self, clip_model: nn.Module, start_layer: int, pos_std: float = 0.0) -> None:
+    def __init__(self, clip_model: nn.Module, start_layer: int) -> None:
         super().__init__()
         check_cache_layer(clip_model, start_layer)
         vm = clip_model.vision_model
@@ -158,16 +154,10 @@ class VisionTail(nn.Module):
         self.layers = nn.ModuleList(copy.deepcopy(list(vm.encoder.layers[start_layer:])))
         self.post_layernorm = copy.deepcopy(vm.post_layernorm)
         self.projection = copy.deepcopy(clip_model.visual_projection)
-        self.position: nn.Parameter | None = None
-        if pos_std > 0:
-            emb = vm.embeddings.position_embedding.weight  # [T, H]: CLS + patches
-            self.position = nn.Parameter(torch.randn(emb.shape, dtype=emb.dtype) * pos_std)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B, T, H] cached hidden states (frames flattened into B) -> [B, D] frame embeddings."""
         hidden = hidden.to(_param_dtype(self))
-        if self.position is not None:
-            hidden = hidden + self.position
         hidden = _run_layers(self.layers, hidden, None)
         return self.projection(self.post_layernorm(hidden[:, 0]))  # CLS token
 

@@ -37,7 +37,7 @@ class RetrievalConfig:
     temporal_heads: int = 8
     logit_scale: float = 100.0  # initial (or fixed) multiplier of the scores in the loss
     learn_logit_scale: bool = False
-    vision_pos_std: float = 0.0  # trainable token positions on the cached vision input (0: off)
+    layout_dim: int = 0  # per-patch channels of the temporal transformer's layout input (0: off)
     chunk_elems: int = 1 << 24  # largest [m, n, L, F] block of the WTI cosine tensor
 
     @property
@@ -55,6 +55,26 @@ class RetrievalConfig:
         if unknown:
             raise ValueError(f"unknown RetrievalConfig keys: {unknown}")
         return cls(**data)
+
+
+class FrameLayout(nn.Module):
+    """Where what is in a frame: each cached patch token [P, H] -> `channels` numbers, the P x
+    channels map (patch order = position) -> one D vector for the temporal transformer's input.
+
+    Only the temporal transformer reads it, so order and motion can be learnt from positions
+    without the frame embeddings (which WTI matches against words) having to encode them.
+    """
+
+    def __init__(self, hidden: int, patches: int, channels: int, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.reduce = nn.Linear(hidden, channels)
+        self.out = nn.Linear(patches * channels, dim)
+
+    def forward(self, patches: Tensor) -> Tensor:
+        """[V, P, H] patch tokens -> [V, D]."""
+        z = self.reduce(self.norm(patches.to(self.reduce.weight.dtype)))  # (V, P, channels)
+        return self.out(z.flatten(1))
 
 
 class TextOut(NamedTuple):
@@ -110,9 +130,17 @@ class RetrievalModel(nn.Module):
         self.vision_tail: VisionTail | None = None
         if cfg.cache_layer != "final":
             self.text_tail = TextTail(clip, cfg.cache_layer)
-            self.vision_tail = VisionTail(clip, cfg.cache_layer, cfg.vision_pos_std)
+            self.vision_tail = VisionTail(clip, cfg.cache_layer)
         self.temporal = TemporalTransformer(D, cfg.temporal_layers, cfg.temporal_heads,
                                             cfg.max_frames)
+        self.layout: FrameLayout | None = None
+        if cfg.layout_dim > 0:
+            if self.vision_tail is None or not cfg.temporal_layers:
+                raise ValueError("layout_dim needs cached patch tokens (cache_layer < final) and "
+                                 "a temporal transformer (temporal_layers > 0)")
+            vc = clip.config.vision_config
+            patches = (vc.image_size // vc.patch_size) ** 2
+            self.layout = FrameLayout(vc.hidden_size, patches, cfg.layout_dim, D)
         if cfg.similarity == "wti":
             self.text_weights = TokenWeights(D)
             self.frame_weights = TokenWeights(D)
@@ -140,13 +168,19 @@ class RetrievalModel(nn.Module):
         see frames independently, so their outputs are reordered instead of recomputed (exact).
         """
         N, F = mask.shape
-        per_frame = feats[mask]  # (V, T, H) or (V, D), V = valid frames
-        per_frame = per_frame.float() if self.vision_tail is None else self.vision_tail(per_frame)
+        cached = feats[mask]  # (V, T, H) or (V, D), V = valid frames
+        per_frame = cached.float() if self.vision_tail is None else self.vision_tail(cached)
         frames = per_frame.new_zeros(N, F, per_frame.shape[-1]).index_put((mask,), per_frame)
+        layout = None
+        if self.layout is not None:
+            rows = self.layout(cached[:, 1:])  # patch tokens, CLS dropped: (V, D)
+            layout = rows.new_zeros(N, F, rows.shape[-1]).index_put((mask,), rows)
         if backwards is not None and backwards.numel():
             frames = torch.cat([frames, reverse_frames(frames[backwards], mask[backwards])])
+            if layout is not None:
+                layout = torch.cat([layout, reverse_frames(layout[backwards], mask[backwards])])
             mask = torch.cat([mask, mask[backwards]])
-        frames = self.temporal(frames, mask)  # (N + R, F, D)
+        frames = self.temporal(frames, mask, layout)  # (N + R, F, D)
         return VideoOut(frames, mask, masked_mean(frames, mask))
 
     def forward(self, batch: PairBatch) -> tuple[TextOut, VideoOut]:

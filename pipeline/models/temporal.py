@@ -10,6 +10,9 @@ layer-normalised before the positions are added and the positions start at `pos_
 raw CLIP features (norm ~10-16) a 0.02 table is invisible to attention, the transformer stays
 order-blind, and training never discovers direction (measured on the synthetic demo: 49% on the
 played-backwards test after 500 steps, i.e. chance).
+
+An optional per-frame `side` input (the model's frame layout, `contrastive.layout_dim`) is added
+to the transformer's input only; the output stays x + transformer(...).
 """
 from __future__ import annotations
 
@@ -42,8 +45,11 @@ class TemporalTransformer(nn.Module):
         # positions through a different kernel than training; results must not depend on mode.
         self.encoder = nn.TransformerEncoder(block, num_layers=layers, enable_nested_tensor=False)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        """x [N, F, D] frame features, mask [N, F] bool -> [N, F, D] (padding rows unchanged)."""
+    def forward(self, x: Tensor, mask: Tensor, side: Tensor | None = None) -> Tensor:
+        """x [N, F, D] frame features, mask [N, F] bool -> [N, F, D] (padding rows unchanged).
+
+        `side` [N, F, D], optional: an extra per-frame input added to the transformer's input
+        only (e.g. a frame layout); the output stays x + transformer."""
         if self.layers == 0:
             return x
         F = x.shape[1]
@@ -54,5 +60,7 @@ class TemporalTransformer(nn.Module):
         empty = ~mask.any(dim=1, keepdim=True)  # (N, 1)
         pad = ~(mask | empty)  # (N, F) True = ignore
         z = self.norm_in(x) + self.frame_pos[:F]  # (N, F, D) positions on the scale of features
+        if side is not None:
+            z = z + side
         h = self.encoder(z, src_key_padding_mask=pad)  # (N, F, D)
         return torch.where(mask[..., None], x + h, x)
