@@ -457,6 +457,52 @@ def test_tiny_training_learns_and_reloads(tmp_path: Path) -> None:
     assert again["R1"] == pytest.approx(result["best_R1"])
 
 
+def _learn_rank(rank: int, world: int, port: int, root: str, splits: dict[str, list[str]]) -> None:
+    from pipeline import dist
+    from pipeline.config import ContrastiveConfig
+    from pipeline.contrastive import ContrastiveTask
+    from pipeline.dist import DistEnv
+    from pipeline.features.store import FeatureStore
+    from pipeline.io import write_json
+    from pipeline.tracking import Tracker
+    from pipeline.training import train
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")
+    try:
+        task = ContrastiveTask(tiny_model(learn=False), FeatureStore(Path(root) / "features"),
+                               splits["train"], splits["val"],
+                               ContrastiveConfig(reverse_negatives=True))
+        result = train(task, _settings(batch_size=8), Path(root) / "ddp", Tracker(),
+                       env=DistEnv(rank, rank, world), device="cpu")
+        write_json(Path(root) / f"result-{rank}.json", result)
+    finally:
+        dist.shutdown()
+
+
+@pytest.mark.slow
+def test_two_ranks_learn(tmp_path: Path) -> None:
+    """Stage 1 on 2 gloo ranks (batch 8 each = the 1-rank test's 16) learns the fixture."""
+    from pipeline.config import ContrastiveConfig
+    from pipeline.contrastive import ContrastiveTask
+    from pipeline.features.store import FeatureStore
+    from pipeline.io import read_json
+
+    splits = write_fixture(tmp_path)
+    task = ContrastiveTask(tiny_model(learn=False), FeatureStore(tmp_path / "features"),
+                           splits["train"], splits["val"], ContrastiveConfig())
+    with torch.no_grad():
+        before = task.validate(task.model.eval())
+    torch.multiprocessing.spawn(_learn_rank, args=(2, _free_port(), str(tmp_path), splits),
+                                nprocs=2, join=True)
+    r0, r1 = (read_json(tmp_path / f"result-{r}.json") for r in (0, 1))
+    assert r0["steps"] == r1["steps"] > 0 and r0["best_R1"] == r1["best_R1"]
+    assert r0["best_R1"] >= before["R1"] + 25, (before["R1"], r0)
+    assert (tmp_path / "ddp" / "best" / "model.safetensors").is_file()
+
+
 @pytest.mark.slow
 def test_train_contrastive_command_end_to_end(tmp_path: Path) -> None:
     import yaml
