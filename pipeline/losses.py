@@ -144,4 +144,3 @@ def direction_loss(
     swapped = torch.arange(2 * R, device=rows.device).roll(R)  # k <-> R + k
     other = logits.gather(1, swapped[:, None]).squeeze(1)
     return Fn.softplus((other - own).float()).mean()  # = CE over (own, other), label own
-

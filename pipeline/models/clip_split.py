@@ -157,8 +157,7 @@ class VisionTail(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B, T, H] cached hidden states (frames flattened into B) -> [B, D] frame embeddings."""
-        hidden = hidden.to(_param_dtype(self))
-        hidden = _run_layers(self.layers, hidden, None)
+        hidden = _run_layers(self.layers, hidden.to(_param_dtype(self)), None)
         return self.projection(self.post_layernorm(hidden[:, 0]))  # CLS token
 
 

@@ -169,17 +169,16 @@ class RetrievalModel(nn.Module):
         """
         N, F = mask.shape
         cached = feats[mask]  # (V, T, H) or (V, D), V = valid frames
-        per_frame = cached.float() if self.vision_tail is None else self.vision_tail(cached)
-        frames = per_frame.new_zeros(N, F, per_frame.shape[-1]).index_put((mask,), per_frame)
-        layout = None
-        if self.layout is not None:
-            rows = self.layout(cached[:, 1:])  # patch tokens, CLS dropped: (V, D)
-            layout = rows.new_zeros(N, F, rows.shape[-1]).index_put((mask,), rows)
+        rows = cached.float() if self.vision_tail is None else self.vision_tail(cached)  # (V, D)
+        if self.layout is not None:  # + the layout of the patch tokens (CLS dropped): (V, 2D)
+            rows = torch.cat([rows, self.layout(cached[:, 1:]).to(rows.dtype)], dim=-1)
+        grid = rows.new_zeros(N, F, rows.shape[-1]).index_put((mask,), rows)
         if backwards is not None and backwards.numel():
-            frames = torch.cat([frames, reverse_frames(frames[backwards], mask[backwards])])
-            if layout is not None:
-                layout = torch.cat([layout, reverse_frames(layout[backwards], mask[backwards])])
+            grid = torch.cat([grid, reverse_frames(grid[backwards], mask[backwards])])
             mask = torch.cat([mask, mask[backwards]])
+        frames, layout = grid, None
+        if self.layout is not None:
+            frames, layout = grid.chunk(2, dim=-1)
         frames = self.temporal(frames, mask, layout)  # (N + R, F, D)
         return VideoOut(frames, mask, masked_mean(frames, mask))
 
